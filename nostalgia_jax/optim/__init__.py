@@ -1,0 +1,1 @@
+"""Optimisation pieces: the Nostalgia projection, regularisation penalties, EWC Fisher."""

@@ -1,0 +1,289 @@
+"""The task-sequential training loop: `train_and_evaluate(config, workdir)`.
+
+For each task t (resuming after the last finished task in the workdir):
+  1. head warm-up: a new head for task t, trained with the backbone frozen;
+  2. full training of backbone + head with the base optimizer;
+  3. evaluation of every task seen so far -> row t of the accuracy matrix;
+  4. checkpoint, results.json, plots and TensorBoard summaries.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from absl import logging
+from clu import metric_writers, periodic_actions
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from nostalgia_jax import sharding as shd
+from nostalgia_jax.data import eval_batches, load_dataset, make_task_splits, train_dataset
+from nostalgia_jax.models import TaskHead, vit_from_config
+from nostalgia_jax.optim import optimizers
+from nostalgia_jax.train import checkpointing, cl_metrics, reporting, steps
+from nostalgia_jax.train.validation import validate_config
+
+
+class NonFiniteTrainingError(FloatingPointError):
+  """Too many consecutive training steps had a non-finite loss or update."""
+
+
+def _phase_seed(seed: int, task: int, phase: int) -> int:
+  return int(np.random.SeedSequence([seed, task, phase]).generate_state(1)[0])
+
+
+class _Run:
+  """What every phase of one run shares: mesh, data, model, writer, steps."""
+
+  def __init__(self, config, workdir):
+    self.config = config
+    self.workdir = workdir
+    self.mesh = shd.make_mesh()
+    self.dataset = load_dataset(config.data)
+    self.splits = make_task_splits(
+        self.dataset.train.labels, self.dataset.test.labels,
+        num_classes=self.dataset.num_classes, num_tasks=config.data.num_tasks,
+        order=config.data.class_order, seed=config.seed)
+    self.backbone = vit_from_config(config.model)
+    self.heads = [TaskHead(s.num_classes) for s in self.splits]
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    self.steps_per_task = config.train.head_warmup_steps + config.train.steps
+    self.warmup_optimizer = optimizers.head_warmup_optimizer(
+        config.optim, max(config.train.head_warmup_steps, 1))
+    self.full_optimizer = optimizers.full_optimizer(config.optim, config.train.steps)
+    self.report_progress = periodic_actions.ReportProgress(
+        num_train_steps=self.steps_per_task * config.data.num_tasks,
+        writer=self.writer, every_steps=config.train.log_every)
+    self._jitted = {}
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.splits)
+
+  def logits_fn(self, task: int):
+    return steps.make_logits_fn(self.backbone, self.heads[task])
+
+  # -- Initialisation ---------------------------------------------------------
+
+  def init_backbone(self):
+    key = jax.random.fold_in(jax.random.key(self.config.seed), 0)
+    shape = (1,) + self.dataset.image_shape
+    return self.backbone.init(key, jnp.zeros(shape, jnp.float32))["params"]
+
+  def init_head(self, task: int):
+    key = jax.random.fold_in(jax.random.key(self.config.seed), 1000 + task)
+    features = jax.eval_shape(
+        lambda: self.backbone.apply({"params": self.init_backbone()},
+                                    jnp.zeros((1,) + self.dataset.image_shape)))
+    return self.heads[task].init(key, jnp.zeros(features.shape))["params"]
+
+  def abstract_checkpoint_state(self, tasks_done: int):
+    """Shapes, dtypes and shardings of the checkpoint after `tasks_done`."""
+    def build():
+      backbone = self.init_backbone()
+      heads = {f"task_{t}": self.init_head(t) for t in range(tasks_done)}
+      params = {"backbone": backbone, "head": heads[f"task_{tasks_done - 1}"]}
+      return {"backbone": backbone, "heads": heads,
+              "opt_state": self.full_optimizer.init(params)}
+    abstract = jax.eval_shape(build)
+    sharding = shd.replicated(self.mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+  # -- Steps ------------------------------------------------------------------
+
+  def _train_fn(self, task: int, state: steps.TrainState, head_only: bool):
+    """The jitted train step; compiled once per phase kind, not per task."""
+    key = ("train", head_only, self.splits[task].num_classes)
+    if key not in self._jitted:
+      self._jitted[key] = steps.jit_train_step(
+          self.mesh, shd.state_shardings(self.mesh, state),
+          logits_fn=self.logits_fn(task),
+          optimizer=self.warmup_optimizer if head_only else self.full_optimizer,
+          label_smoothing=self.config.train.label_smoothing, head_only=head_only)
+    return self._jitted[key]
+
+  def evaluate(self, params, task: int) -> float:
+    """Accuracy of `params` (backbone + head of `task`) on the task's test set."""
+    key = ("eval", self.splits[task].num_classes)
+    if key not in self._jitted:
+      self._jitted[key] = steps.jit_eval_step(
+          self.mesh, shd.state_shardings(self.mesh, params),
+          logits_fn=self.logits_fn(task))
+    eval_fn = self._jitted[key]
+    correct = count = 0.0
+    for batch in eval_batches(self.dataset.test, self.splits[task],
+                              num_classes_total=self.dataset.num_classes,
+                              batch_size=self._per_host(self.config.train.eval_batch_size)):
+      out = eval_fn(params, shd.put_batch(batch, self.mesh))
+      correct += float(out["correct"])
+      count += float(out["count"])
+    return correct / max(count, 1.0)
+
+  def _per_host(self, global_batch_size: int) -> int:
+    return global_batch_size // jax.process_count()
+
+  # -- One training phase -----------------------------------------------------
+
+  def train_phase(self, task: int, params, *, head_only: bool, num_steps: int,
+                  global_step0: int):
+    """Runs one phase (head warm-up or full training); returns the params."""
+    if num_steps == 0:
+      return params, None
+    config = self.config
+    optimizer = self.warmup_optimizer if head_only else self.full_optimizer
+    state = steps.init_train_state(params, optimizer, head_only=head_only)
+    state = jax.device_put(state, shd.state_shardings(self.mesh, state))
+    train_fn = self._train_fn(task, state, head_only)
+    phase = 0 if head_only else 1
+    data = train_dataset(
+        self.dataset.train, self.splits[task],
+        num_classes_total=self.dataset.num_classes,
+        batch_size=self._per_host(config.train.batch_size),
+        seed=_phase_seed(config.seed, task, phase), augment=config.data.augment,
+        pad=config.data.pad).to_iter_dataset()
+    rng = jax.random.fold_in(jax.random.key(config.seed), 10_000 + 2 * task + phase)
+    prefix = "warmup" if head_only else "train"
+    history = []
+    tick, tick_step = time.perf_counter(), 0
+    for i, batch in zip(range(num_steps), data):
+      state, metrics = train_fn(state, shd.put_batch(batch, self.mesh), rng)
+      history.append(metrics)
+      global_step = global_step0 + i + 1
+      self.report_progress(global_step)
+      last = i + 1 == num_steps
+      if (i + 1) % config.train.log_every == 0 or last:
+        summary = {f"{prefix}/{k}": float(np.mean([m[k] for m in history]))
+                   for k in history[0]}
+        history = []
+        summary[f"{prefix}/steps_per_sec"] = (i + 1 - tick_step) / (
+            time.perf_counter() - tick)
+        tick, tick_step = time.perf_counter(), i + 1
+        if not head_only:
+          lrs = optimizers.learning_rates(config.optim, num_steps, i)
+          summary.update({f"{prefix}/lr_{k}": v for k, v in lrs.items()})
+        in_a_row = int(state.nonfinite_in_a_row)
+        summary[f"{prefix}/nonfinite_steps"] = int(state.nonfinite_total)
+        self.writer.write_scalars(global_step, summary)
+        if in_a_row >= config.train.max_nonfinite_steps:
+          raise NonFiniteTrainingError(
+              f"task {task}, {prefix} step {i + 1}: {in_a_row} steps in a row had "
+              "a non-finite loss or update and were skipped; stopping before "
+              "anything is checkpointed. Lower the learning rates "
+              "(config.optim.backbone_lr / head_lr) or check the data.")
+      if not head_only and ((i + 1) % config.train.eval_every == 0 or last):
+        accuracy = self.evaluate(state.params, task)
+        self.writer.write_scalars(global_step, {"eval/current_task_accuracy": accuracy})
+    return state.params, state.opt_state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
+  """Trains on every task in sequence and returns the results dict.
+
+  Args:
+    config: the experiment config (see configs/default.py).
+    workdir: output directory; a finished task's checkpoint there is resumed.
+    allow_config_change: resume a workdir written with a different config.
+
+  Returns:
+    The content of `workdir/results.json`.
+  """
+  validate_config(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  checkpointing.check_workdir_config(workdir, config,
+                                     allow_config_change=allow_config_change)
+  for name in ("batch_size", "eval_batch_size"):
+    shd.check_batch_size(config.train[name], f"config.train.{name}")
+  run = _Run(config, workdir)
+  config_dict = checkpointing.config_to_dict(config)
+  manager = checkpointing.make_manager(workdir, config.checkpoint.max_to_keep)
+
+  tasks_done = manager.latest_step() or 0
+  if tasks_done:
+    meta = checkpointing.restore_meta(manager, tasks_done)
+    state = checkpointing.restore_state(
+        manager, tasks_done, run.abstract_checkpoint_state(tasks_done))
+    backbone, heads = state["backbone"], state["heads"]
+    accuracy_matrix, task_records = meta["accuracy_matrix"], meta["tasks"]
+    logging.info("Resuming %s after task %d of %d.", workdir, tasks_done - 1,
+                 run.num_tasks)
+  else:
+    backbone, heads = run.init_backbone(), {}
+    accuracy_matrix, task_records = [], []
+    run.writer.write_hparams(
+        {k: v for k, v in checkpointing._flatten(config_dict).items()  # pylint: disable=protected-access
+         if isinstance(v, (int, float, str, bool))})
+
+  results = None
+  for task in range(tasks_done, run.num_tasks):
+    split = run.splits[task]
+    logging.info("Task %d: classes %s (%d train / %d test examples).", task,
+                 split.classes, len(split.train_indices), len(split.test_indices))
+    task_start = time.perf_counter()
+    global_step0 = task * run.steps_per_task
+    params = {"backbone": backbone, "head": run.init_head(task)}
+    params, _ = run.train_phase(
+        task, params, head_only=True, num_steps=config.train.head_warmup_steps,
+        global_step0=global_step0)
+    params, opt_state = run.train_phase(
+        task, params, head_only=False, num_steps=config.train.steps,
+        global_step0=global_step0 + config.train.head_warmup_steps)
+    backbone = params["backbone"]
+    heads = {**heads, f"task_{task}": params["head"]}
+
+    row = [run.evaluate({"backbone": backbone, "head": heads[f"task_{j}"]}, j)
+           for j in range(task + 1)]
+    accuracy_matrix.append(row + [None] * (run.num_tasks - task - 1))
+    task_records.append({
+        "task": task, "classes": list(split.classes),
+        "train_examples": int(len(split.train_indices)),
+        "test_examples": int(len(split.test_indices)),
+        "seconds": time.perf_counter() - task_start,
+    })
+    checkpointing.save(
+        manager, task + 1,
+        {"backbone": backbone, "heads": heads, "opt_state": opt_state},
+        {"accuracy_matrix": accuracy_matrix, "tasks": task_records})
+    results = reporting.results_dict(accuracy_matrix, num_tasks=run.num_tasks,
+                                     config=config_dict, tasks=task_records)
+    _report_task(run, task, results, global_step=(task + 1) * run.steps_per_task)
+
+  manager.wait_until_finished()
+  if results is None:  # Every task was already done: report what was saved.
+    results = reporting.results_dict(accuracy_matrix, num_tasks=run.num_tasks,
+                                     config=config_dict, tasks=task_records)
+    _report_task(run, run.num_tasks - 1, results,
+                 global_step=run.num_tasks * run.steps_per_task)
+  run.writer.flush()
+  return results
+
+
+def _report_task(run: _Run, task: int, results: dict, *, global_step: int):
+  """Scalars, images, results.json and plots after `task`."""
+  row = results["accuracy_matrix"][task]
+  scalars = {f"eval/accuracy_task_{j}": row[j] for j in range(task + 1)}
+  scalars.update({f"cl/{k}": results[k] for k in
+                  ("average_accuracy", "backward_transfer", "forgetting")
+                  if results[k] is not None})
+  run.writer.write_scalars(global_step, scalars)
+  logging.info("After task %d: accuracies %s; %s", task,
+               ", ".join(f"{100 * a:.1f}" for a in row[:task + 1]),
+               ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if k.startswith("cl/")))
+  if jax.process_index() != 0:
+    return
+  workdir = run.workdir
+  reporting.write_json_atomically(f"{workdir}/results.json", results)
+  matrix, num_tasks = results["accuracy_matrix"], run.num_tasks
+  heatmap = reporting.figure_to_png(
+      reporting.plot_accuracy_matrix(matrix, num_tasks),
+      f"{workdir}/accuracy_matrix.png")
+  curves = reporting.figure_to_png(
+      reporting.plot_task_curves(matrix, num_tasks), f"{workdir}/task_accuracy.png")
+  run.writer.write_images(global_step, {"accuracy_matrix": heatmap[None],
+                                        "task_accuracy": curves[None]})
