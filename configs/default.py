@@ -24,7 +24,9 @@ def get_config(arg: str = ""):
 
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # 'finetune': plain sequential fine-tuning (the lower bound).
+  # finetune: plain sequential fine-tuning (the lower bound); nostalgia:
+  # updates projected off the curvature of earlier tasks; l2sp, ewc:
+  # penalty baselines.
   config.mode = "finetune"
 
   config.data = ml_collections.ConfigDict()
@@ -61,6 +63,47 @@ def get_config(arg: str = ""):
   config.train.eval_every = 100          # evaluate the current task
   config.train.log_every = 50
   config.train.max_nonfinite_steps = 20  # skipped steps in a row before stopping
+
+  # Nostalgia (mode='nostalgia'): after each task, the top-k eigenpairs of the
+  # task-loss curvature w.r.t. the trainable backbone, merged into a basis U;
+  # later tasks train with updates projected onto U's orthogonal complement.
+  config.nostalgia = ml_collections.ConfigDict()
+  config.nostalgia.k = 16                  # eigenpairs per task
+  config.nostalgia.num_iters = 0           # Lanczos steps m >= k; 0: default
+  config.nostalgia.curvature = "hessian"   # hessian | ggn
+  config.nostalgia.estimator = "mean_hessian"  # mean_hessian | per_batch
+  config.nostalgia.num_batches = 4         # fixed batches averaged (N)
+  config.nostalgia.batch_size = 64
+  config.nostalgia.merge = "average"       # average | union
+  config.nostalgia.ema_rate = 0.0          # average: 0 = equal task weights
+  config.nostalgia.max_rank = 80           # union: cap on the basis rank
+  config.nostalgia.union_tol = 1e-2        # union: drop near-dependent dirs
+  config.nostalgia.union_priority = "old_first"  # old_first | eigenvalue
+  config.nostalgia.soft = False            # scale by lambda/(median+lambda)
+  config.nostalgia.placement = "auto"      # auto | before | after the optimizer
+  config.nostalgia.basis_dtype = "float32"  # float32 | bfloat16 storage
+
+  # L2-SP (mode='l2sp'): alpha/2 ||w - w0||^2 + beta/2 ||head||^2.
+  config.l2sp = ml_collections.ConfigDict()
+  config.l2sp.alpha = 0.1
+  config.l2sp.beta = 0.001
+
+  # EWC (mode='ewc'): strength/2 sum F (w - w*)^2, online Fisher.
+  config.ewc = ml_collections.ConfigDict()
+  config.ewc.strength = 1000.0
+  config.ewc.gamma = 1.0                   # F <- gamma F + F_t
+  config.ewc.num_examples = 256
+  config.ewc.batch_size = 32               # examples per per-example-grad chunk
+  config.ewc.fisher_labels = "sampled"     # sampled (true Fisher) | true
+
+  # LoRA adapters: base ViT frozen, adapters (and heads) train; Nostalgia's
+  # curvature and projection then live in adapter space.
+  config.lora = ml_collections.ConfigDict()
+  config.lora.enabled = False
+  config.lora.rank = 16
+  config.lora.alpha = 32.0
+  config.lora.dropout = 0.0
+  config.lora.targets = "query,key,value"  # also: out, mlp
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.max_to_keep = 2      # 0 keeps every task's checkpoint

@@ -83,11 +83,11 @@ def test_resume_after_first_task_skips_it(tmp_path, monkeypatch):
   trained = []
   original = loop._Run.train_phase
 
-  def crash_on_task_1(self, task, params, **kwargs):
+  def crash_on_task_1(self, task, *args, **kwargs):
     if task == 1:
       raise KeyboardInterrupt("simulated preemption")
     trained.append(task)
-    return original(self, task, params, **kwargs)
+    return original(self, task, *args, **kwargs)
 
   monkeypatch.setattr(loop._Run, "train_phase", crash_on_task_1)
   with pytest.raises(KeyboardInterrupt):
@@ -96,9 +96,9 @@ def test_resume_after_first_task_skips_it(tmp_path, monkeypatch):
   assert first["tasks_completed"] == 1 and not first["complete"]
 
   trained.clear()
-  def record(self, task, params, **kwargs):
+  def record(self, task, *args, **kwargs):
     trained.append(task)
-    return original(self, task, params, **kwargs)
+    return original(self, task, *args, **kwargs)
   monkeypatch.setattr(loop._Run, "train_phase", record)
   results = loop.train_and_evaluate(config, str(tmp_path))
   assert set(trained) == {1}                          # task 0 was not retrained

@@ -6,17 +6,17 @@ import numpy as np
 import optax
 
 from nostalgia_jax import sharding as shd
-from nostalgia_jax.models import TaskHead, ViT, VIT_SIZES
+from nostalgia_jax.models import Classifier, ViT, VIT_SIZES
 from nostalgia_jax.train import steps
 
 
 def _setup(num_classes=3):
-  backbone, head = ViT(patch_size=4, **VIT_SIZES["mu"]), TaskHead(num_classes)
+  classifier = Classifier(ViT(patch_size=4, **VIT_SIZES["mu"]), (8, 8, 3))
   images = jax.random.normal(jax.random.key(0), (8, 8, 8, 3))
-  b = backbone.init(jax.random.key(1), images)["params"]
-  h = head.init(jax.random.key(2), jnp.zeros((1, VIT_SIZES["mu"]["width"])))["params"]
+  b = classifier.init_vit(jax.random.key(1))
+  h = classifier.init_head(num_classes, jax.random.key(2))
   batch = {"image": images, "label": jnp.arange(8) % num_classes}
-  return steps.make_logits_fn(backbone, head), {"backbone": b, "head": h}, batch
+  return classifier.logits, {"backbone": b, "head": h}, batch
 
 
 def _run(params, batch, logits_fn, optimizer, head_only, n=3):
@@ -27,7 +27,7 @@ def _run(params, batch, logits_fn, optimizer, head_only, n=3):
                             logits_fn=logits_fn, optimizer=optimizer,
                             label_smoothing=0.1, head_only=head_only)
   for _ in range(n):
-    state, metrics = fn(state, batch, jax.random.key(0))
+    state, metrics = fn(state, batch, jax.random.key(0), None, {})
   return state, metrics, fn
 
 
@@ -48,7 +48,7 @@ def test_full_step_reduces_loss_and_compiles_once():
   state, first, fn = _run(params, batch, logits_fn, optax.adam(1e-3),
                           head_only=False, n=1)
   for _ in range(20):
-    state, metrics = fn(state, batch, jax.random.key(0))
+    state, metrics = fn(state, batch, jax.random.key(0), None, {})
   assert metrics["loss"] < first["loss"]
   assert fn._cache_size() == 1                          # one trace, many steps
   assert int(state.step) == 21
@@ -61,7 +61,7 @@ def test_nonfinite_step_is_skipped_and_counted():
   state = steps.init_train_state(params, optimizer, head_only=False)
   before = jax.tree.map(np.array, state.params)
   step = jax.jit(lambda s, b: steps.train_step(
-      s, b, jax.random.key(0), logits_fn=logits_fn, optimizer=optimizer,
+      s, b, jax.random.key(0), None, {}, logits_fn=logits_fn, optimizer=optimizer,
       label_smoothing=0.0, head_only=False))
   for expected in (1, 2):
     state, metrics = step(state, bad)
@@ -77,7 +77,7 @@ def test_nonfinite_step_is_skipped_and_counted():
 def test_eval_step_counts_only_unmasked_examples():
   logits_fn, params, batch = _setup()
   mask = jnp.array([1, 1, 1, 0, 0, 1, 0, 1], jnp.float32)
-  out = steps.eval_step(params, {**batch, "mask": mask}, logits_fn=logits_fn)
+  out = steps.eval_step(params, {**batch, "mask": mask}, None, logits_fn=logits_fn)
   assert float(out["count"]) == 5.0
   logits = logits_fn(params, batch["image"])
   expected = np.sum((np.argmax(logits, -1) == batch["label"]) * mask)

@@ -100,10 +100,18 @@ def _mean_over_batches(per_batch: Callable[[PyTree], PyTree], params: PyTree,
   return jax.tree.map(lambda t: t / n, total)
 
 
+def _bind(fn: Callable, context: PyTree) -> Callable:
+  """fn(x, batch) or, with a context, fn(x, batch, context)."""
+  if context is None:
+    return fn
+  return lambda x, batch: fn(x, batch, context)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _mean_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree,
-              v: PyTree) -> PyTree:
+              context: PyTree, v: PyTree) -> PyTree:
   tangent = _as_tangent(v, params)
+  loss_fn = _bind(loss_fn, context)
 
   def hvp(batch):
     grad_fn = jax.grad(lambda p: loss_fn(p, batch))
@@ -114,8 +122,10 @@ def _mean_hvp(loss_fn: LossFn, params: PyTree, batches: PyTree,
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _mean_ggn_vp(logits_fn: Callable, output_loss_fn: Callable,
-                 params: PyTree, batches: PyTree, v: PyTree) -> PyTree:
+                 params: PyTree, batches: PyTree, context: PyTree,
+                 v: PyTree) -> PyTree:
   tangent = _as_tangent(v, params)
+  logits_fn = _bind(logits_fn, context)
 
   def ggn_vp(batch):
     forward = lambda p: logits_fn(p, batch)
@@ -131,8 +141,8 @@ def _mean_ggn_vp(logits_fn: Callable, output_loss_fn: Callable,
   return _mean_over_batches(ggn_vp, params, batches)
 
 
-def hessian_matvec(loss_fn: LossFn, params: PyTree,
-                   batches: PyTree) -> CountedMatvec:
+def hessian_matvec(loss_fn: LossFn, params: PyTree, batches: PyTree, *,
+                   context: PyTree = None) -> CountedMatvec:
   """Hessian-vector product of the mean loss over N stacked batches.
 
   Args:
@@ -141,19 +151,24 @@ def hessian_matvec(loss_fn: LossFn, params: PyTree,
       calls to reuse the compilation.
     params: the point at which the Hessian is taken (trainable params only).
     batches: pytree whose leaves have a leading axis N (N stacked batches).
+    context: optional arrays the loss needs but that are not differentiated
+      (a fixed task head, frozen base weights under LoRA); then
+      ``loss_fn(params, batch, context)``. Passed as a jit argument, never
+      baked into the program.
 
   Returns:
     A ``CountedMatvec`` ``v -> (1/N) sum_n H_n v`` with ``v`` and the result
     pytrees like ``params`` (result leaves in >= float32).
   """
   n = _num_batches(batches)
-  return CountedMatvec(functools.partial(_mean_hvp, loss_fn, params, batches),
-                       n)
+  return CountedMatvec(
+      functools.partial(_mean_hvp, loss_fn, params, batches, context), n)
 
 
 def ggn_matvec(logits_fn: Callable[[PyTree, PyTree], PyTree],
                output_loss_fn: Callable[[PyTree, PyTree], jax.Array],
-               params: PyTree, batches: PyTree) -> CountedMatvec:
+               params: PyTree, batches: PyTree, *,
+               context: PyTree = None) -> CountedMatvec:
   """Generalised Gauss-Newton product ``J^T H_out J v``, averaged over batches.
 
   ``J`` is the Jacobian of ``logits_fn`` w.r.t. ``params`` and ``H_out`` the
@@ -167,6 +182,8 @@ def ggn_matvec(logits_fn: Callable[[PyTree, PyTree], PyTree],
     output_loss_fn: ``output_loss_fn(logits, batch) -> scalar``.
     params: the linearisation point.
     batches: pytree whose leaves have a leading axis N.
+    context: optional non-differentiated arrays; then
+      ``logits_fn(params, batch, context)`` (see `hessian_matvec`).
 
   Returns:
     A ``CountedMatvec`` computing the mean GGN-vector product.
@@ -174,22 +191,23 @@ def ggn_matvec(logits_fn: Callable[[PyTree, PyTree], PyTree],
   n = _num_batches(batches)
   return CountedMatvec(
       functools.partial(_mean_ggn_vp, logits_fn, output_loss_fn, params,
-                        batches), n)
+                        batches, context), n)
 
 
 @functools.lru_cache(maxsize=32)
 def _composed_loss(logits_fn: Callable, output_loss_fn: Callable) -> LossFn:
   # Cached so the composed function is the same object on every call, which
   # keeps the jit cache of `_mean_hvp` warm.
-  def loss_fn(params, batch):
-    return output_loss_fn(logits_fn(params, batch), batch)
+  def loss_fn(params, batch, *context):
+    return output_loss_fn(logits_fn(params, batch, *context), batch)
   return loss_fn
 
 
 def curvature_matvec(kind: str, params: PyTree, batches: PyTree, *,
                      loss_fn: LossFn | None = None,
                      logits_fn: Callable | None = None,
-                     output_loss_fn: Callable | None = None) -> CountedMatvec:
+                     output_loss_fn: Callable | None = None,
+                     context: PyTree = None) -> CountedMatvec:
   """Builds the curvature operator named by ``kind``.
 
   Args:
@@ -201,6 +219,8 @@ def curvature_matvec(kind: str, params: PyTree, batches: PyTree, *,
     logits_fn: ``logits_fn(params, batch) -> logits``; required for ``'ggn'``.
     output_loss_fn: ``output_loss_fn(logits, batch) -> scalar``; required for
       ``'ggn'``.
+    context: optional non-differentiated arrays passed as the last argument
+      of ``loss_fn`` / ``logits_fn`` (see `hessian_matvec`).
 
   Returns:
     A ``CountedMatvec``.
@@ -215,12 +235,13 @@ def curvature_matvec(kind: str, params: PyTree, batches: PyTree, *,
             "curvature_matvec('hessian', ...) needs `loss_fn`, or both "
             "`logits_fn` and `output_loss_fn` to compose it.")
       loss_fn = _composed_loss(logits_fn, output_loss_fn)
-    return hessian_matvec(loss_fn, params, batches)
+    return hessian_matvec(loss_fn, params, batches, context=context)
   if kind == "ggn":
     if logits_fn is None or output_loss_fn is None:
       raise ValueError(
           "curvature_matvec('ggn', ...) needs both `logits_fn(params, batch)` "
           "and `output_loss_fn(logits, batch)`.")
-    return ggn_matvec(logits_fn, output_loss_fn, params, batches)
+    return ggn_matvec(logits_fn, output_loss_fn, params, batches,
+                      context=context)
   raise ValueError(
       f"Unknown curvature kind {kind!r}; allowed values: {CURVATURE_KINDS}.")

@@ -129,3 +129,22 @@ def eval_batches(source, split: TaskSplit, *, num_classes_total: int,
         "mask": np.concatenate([np.ones(n, np.float32),
                                 np.zeros(pad, np.float32)]),
     }
+
+
+def task_examples(source, split: TaskSplit, *, num_classes_total: int,
+                  num_examples: int, seed: int) -> dict:
+  """A fixed random subset of a task's training examples, un-augmented.
+
+  For the after-task computations (curvature batches, EWC Fisher), which
+  need a fixed operator: no augmentation, the same examples on every host.
+
+  Returns:
+    {'image': float32 (n, H, W, C) in [-1, 1], 'label': int32 (n,)} with
+    n = min(num_examples, number of training examples of the task).
+  """
+  order = np.random.default_rng(seed).permutation(len(split.train_indices))
+  chosen = split.train_indices[np.sort(order[:num_examples])]
+  view = _TaskView(source, chosen, split.label_map(num_classes_total))
+  records = [normalize(view[i]) for i in range(len(view))]
+  return {"image": np.stack([r["image"] for r in records]),
+          "label": np.stack([r["label"] for r in records])}

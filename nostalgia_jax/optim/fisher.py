@@ -60,8 +60,17 @@ def _example_squared_grad(logits_fn, sample, params, image, label, key):
   return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), grads)
 
 
-def _accumulate_chunk(logits_fn, sample, total, params, images, labels, keys, weights):
+def _with_context(logits_fn: Callable, context: PyTree) -> LogitsFn:
+  """`logits_fn(params, images)`, or `logits_fn(params, images, context)`."""
+  if context is None:
+    return logits_fn
+  return lambda p, x: logits_fn(p, x, context)
+
+
+def _accumulate_chunk(logits_fn, sample, total, params, context, images, labels,
+                      keys, weights):
   """total + sum_i weights_i * g_i^2 over one chunk (padding has weight 0)."""
+  logits_fn = _with_context(logits_fn, context)
   per_example = jax.vmap(
       functools.partial(_example_squared_grad, logits_fn, sample),
       in_axes=(None, 0, 0, 0),
@@ -95,6 +104,7 @@ def sample_labels(
     key: jax.Array,
     *,
     batch_size: int = 64,
+    context: PyTree = None,
 ) -> jax.Array:
   """The labels `diagonal_fisher(..., labels=None, key=key)` samples.
 
@@ -108,6 +118,7 @@ def sample_labels(
     images: array of n examples (leading axis).
     key: PRNG key.
     batch_size: examples per jitted chunk.
+    context: optional non-differentiated arrays, as in `diagonal_fisher`.
 
   Returns:
     int32 labels of shape (n,).
@@ -117,15 +128,17 @@ def sample_labels(
   keys = jax.random.split(key, n)
 
   @jax.jit
-  def chunk_labels(params, images, keys):
+  def chunk_labels(params, context, images, keys):
+    bound = _with_context(logits_fn, context)
+
     def one(image, k):
-      return _draw_label(k, _example_logits(logits_fn, params, image))
+      return _draw_label(k, _example_logits(bound, params, image))
 
     return jax.vmap(one)(images, keys)
 
   batch_size = min(batch_size, n)
   out = [
-      chunk_labels(params, images[idx], keys[idx])[: int(weights.sum())]
+      chunk_labels(params, context, images[idx], keys[idx])[: int(weights.sum())]
       for idx, weights in _chunks(n, batch_size)
   ]
   return jnp.concatenate(out).astype(jnp.int32)
@@ -139,6 +152,7 @@ def diagonal_fisher(
     key: Optional[jax.Array] = None,
     labels: Optional[jax.Array] = None,
     batch_size: int = 16,
+    context: PyTree = None,
 ) -> PyTree:
   """Diagonal Fisher: mean over examples of squared per-example gradients.
 
@@ -153,6 +167,10 @@ def diagonal_fisher(
     labels: optional int labels of shape (n,) for the empirical Fisher.
       None (default): labels are sampled from the model (true Fisher).
     batch_size: examples per chunk; bounds memory (see the module docstring).
+    context: optional arrays `logits_fn` needs but that are not
+      differentiated (the task head, frozen LoRA base weights); then
+      `logits_fn(params, images, context)`. Passed as a jit argument, so it
+      is never baked into the program as a constant.
 
   Returns:
     A float32 pytree like `params`: (1/n) sum_i (d/dw -log p(y_i | x_i))^2.
@@ -189,7 +207,8 @@ def diagonal_fisher(
   batch_size = min(batch_size, n)
   total = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
   for idx, weights in _chunks(n, batch_size):
-    total = accumulate(total, params, images[idx], labels[idx], keys[idx], weights)
+    total = accumulate(total, params, context, images[idx], labels[idx],
+                       keys[idx], weights)
   return jax.tree.map(lambda s: s / n, total)
 
 

@@ -3,15 +3,19 @@
 The trainable parameters of a phase are a dict {'backbone': ..., 'head': ...}
 (full training) or the head alone (head warm-up). Backbone and head get
 their own learning rate, each with linear warm-up and cosine decay.
-Curvature projection (Nostalgia) and penalties plug in around the base
-optimizer built here.
+Nostalgia's projection wraps the whole update (task heads are not covered by
+the basis, so they pass through unchanged).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 import optax
+
+from nostalgia_jax.optim import projection
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -71,26 +75,30 @@ def head_warmup_optimizer(optim_config, steps: int) -> optax.GradientTransformat
 
 
 def full_optimizer(optim_config, steps: int, *,
-                   backbone_wrapper=None) -> optax.GradientTransformation:
+                   projection_placement: Optional[str] = None
+                   ) -> optax.GradientTransformation:
   """The optimizer of full training: {'backbone': ..., 'head': ...}.
 
   Args:
     optim_config: `config.optim`.
     steps: number of full-training steps of the task (schedule length).
-    backbone_wrapper: optional function base_optimizer -> optimizer applied
-      to the backbone's optimizer only (Nostalgia's projection uses this).
+    projection_placement: None (no projection), or 'before' / 'after' the
+      base optimizer: where Nostalgia's projection sits. It is built with
+      no basis; the task loop sets the basis into the optimizer state with
+      `projection.set_projection_basis`, so the same optimizer (and the same
+      compiled step) serves every task.
   """
   warmup = optim_config.warmup_steps
-  backbone = _from_config(
-      optim_config, warmup_cosine(optim_config.backbone_lr, steps, warmup),
-      optim_config.weight_decay)
-  if backbone_wrapper is not None:
-    backbone = backbone_wrapper(backbone)
-  head = _from_config(optim_config,
-                      warmup_cosine(optim_config.head_lr, steps, warmup),
-                      optim_config.weight_decay)
-  return optax.multi_transform({"backbone": backbone, "head": head},
-                               {"backbone": "backbone", "head": "head"})
+  def per_group(lr):
+    return _from_config(optim_config, warmup_cosine(lr, steps, warmup),
+                        optim_config.weight_decay)
+  optimizer = optax.multi_transform(
+      {"backbone": per_group(optim_config.backbone_lr),
+       "head": per_group(optim_config.head_lr)},
+      {"backbone": "backbone", "head": "head"})
+  if projection_placement is None:
+    return optimizer
+  return projection.with_projection(optimizer, None, placement=projection_placement)
 
 
 def learning_rates(optim_config, steps: int, step: int) -> dict:

@@ -29,12 +29,13 @@ class IncompatibleWorkdirError(ValueError):
   """The workdir was written by a run with a different configuration."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten_dict(d: dict, prefix: str = "") -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   flat = {}
   for key, value in d.items():
     path = f"{prefix}{key}"
     if isinstance(value, dict):
-      flat.update(_flatten(value, path + "."))
+      flat.update(flatten_dict(value, path + "."))
     else:
       flat[path] = value
   return flat
@@ -57,7 +58,7 @@ def check_workdir_config(workdir: str, config: ml_collections.ConfigDict, *,
   current = config_to_dict(config)
   if path.exists():
     saved = json.loads(path.read_text())
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten_dict(saved), flatten_dict(current)
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUME_NEUTRAL_FIELDS)
     if differing and not allow_config_change:
@@ -85,10 +86,32 @@ def make_manager(workdir: str, max_to_keep: Optional[int]) -> ocp.CheckpointMana
 
 
 def save(manager: ocp.CheckpointManager, tasks_done: int, state: Any,
-         meta: dict) -> None:
-  """Saves the state after `tasks_done` tasks (asynchronously)."""
-  manager.save(tasks_done, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+         opt_state: Any, meta: dict) -> None:
+  """Saves the state after `tasks_done` tasks (asynchronously).
+
+  `opt_state` (the last task's optimizer state) is a separate item: it is
+  kept for inspection and is not needed to resume at a task boundary, where
+  every task starts a fresh optimizer.
+  """
+  items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardSave(opt_state)
+  manager.save(tasks_done, args=ocp.args.Composite(**items))
+
+
+def tree_spec(tree: Any) -> Any:
+  """JSON description (shape, dtype) of a nested dict of arrays."""
+  if isinstance(tree, dict):
+    return {key: tree_spec(value) for key, value in tree.items()}
+  return {"__array__": True, "shape": list(tree.shape), "dtype": str(tree.dtype)}
+
+
+def abstract_from_spec(spec: Any, sharding) -> Any:
+  """`jax.ShapeDtypeStruct`s (with `sharding`) from a `tree_spec`."""
+  if spec.get("__array__"):
+    return jax.ShapeDtypeStruct(tuple(spec["shape"]), spec["dtype"],
+                                sharding=sharding)
+  return {key: abstract_from_spec(value, sharding) for key, value in spec.items()}
 
 
 def restore_meta(manager: ocp.CheckpointManager, tasks_done: int) -> dict:

@@ -103,6 +103,22 @@ def plot_task_curves(accuracy_matrix, num_tasks: int, title: str = ""):
   return fig
 
 
+def plot_spectra(spectra: Sequence[Sequence[float]], title: str = ""):
+  """Top-k Hessian eigenvalues of each task (one line per task)."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for task, eigenvalues in enumerate(spectra):
+    values = np.asarray(eigenvalues, np.float64)
+    ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=f"task {task}")
+  ax.set_yscale("symlog", linthresh=1e-3)
+  ax.set_xlabel("eigenvalue index i")
+  ax.set_ylabel("lambda_i")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title or "top-k curvature eigenvalues per task")
+  fig.tight_layout()
+  return fig
+
+
 def figure_to_png(fig, path: Optional[str] = None) -> np.ndarray:
   """Saves `fig` as PNG (if `path`) and returns it as an RGB uint8 array."""
   buffer = io.BytesIO()

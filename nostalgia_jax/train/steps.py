@@ -3,7 +3,9 @@
 The classifier is split into a backbone (shared by all tasks) and one head
 per task. A step sees the trainable parameters {'backbone', 'head'} of the
 current task; during head warm-up only the head is differentiated and
-updated. A step whose loss or gradients are not finite is skipped (the state
+updated. Arrays that a step reads but never updates (frozen LoRA base
+weights, a penalty's anchor and Fisher) are jit arguments too, never
+constants baked into the program. A step whose loss or gradients are not finite is skipped (the state
 is kept as it was) and counted, so one bad batch cannot write NaNs into the
 parameters.
 """
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from nostalgia_jax import sharding as shd
+from nostalgia_jax.optim import projection
 
 LogitsFn = Callable[..., jax.Array]
 
@@ -41,18 +44,6 @@ class TrainState:
   nonfinite_total: jax.Array
 
 
-def make_logits_fn(backbone_module, head_module) -> LogitsFn:
-  """logits_fn(params, images, *, train, rng) for {'backbone', 'head'}."""
-
-  def logits_fn(params, images, *, train: bool = False, rng=None):
-    rngs = {"dropout": rng} if (train and rng is not None) else None
-    features = backbone_module.apply({"params": params["backbone"]}, images,
-                                     train=train, rngs=rngs)
-    return head_module.apply({"params": params["head"]}, features)
-
-  return logits_fn
-
-
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
   """Mean softmax cross-entropy with optional label smoothing."""
   targets = optax.smooth_labels(
@@ -65,22 +56,42 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
-               logits_fn: LogitsFn, optimizer: optax.GradientTransformation,
-               label_smoothing: float, head_only: bool,
-               penalty_fn=None) -> tuple[TrainState, dict]:
+def _projection_ratio(grads, opt_state):
+  """||g - U U^T g|| / ||g|| on the backbone gradient, if a basis is set.
+
+  The share of the task gradient that the Nostalgia projection lets through
+  (1: nothing removed); None when no basis is in the optimizer state.
+  """
+  states = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, projection.NostalgiaProjectionState))
+            if isinstance(s, projection.NostalgiaProjectionState) and s.basis is not None]
+  if not states:
+    return None
+  kept = projection.project_out(grads, states[0].basis)
+  return optax.global_norm(kept["backbone"]) / (
+      optax.global_norm(grads["backbone"]) + 1e-30)
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any,
+               continual: Any, *, logits_fn: LogitsFn,
+               optimizer: optax.GradientTransformation, label_smoothing: float,
+               head_only: bool, penalty_fn=None) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`; returns the new state and metrics.
 
   Args:
     state: the phase's state.
     batch: {'image': (B, H, W, C), 'label': (B,)} (global arrays).
     rng: dropout key of the phase (the step number is folded in).
-    logits_fn: see `make_logits_fn`.
+    frozen: frozen base weights for `logits_fn` (LoRA), or None.
+    continual: arrays carried across tasks that `penalty_fn` reads.
+    logits_fn: `logits_fn(params, images, *, frozen, train, rng)`, e.g.
+      `Classifier.logits`.
     optimizer: acts on `state.params` ({'backbone','head'}) or, with
       `head_only`, on `state.params['head']`.
     label_smoothing: label-smoothing factor of the cross-entropy.
     head_only: differentiate and update the head only (warm-up).
-    penalty_fn: optional regulariser penalty_fn(params) added to the loss.
+    penalty_fn: optional regulariser `penalty_fn(params, continual)` added
+      to the loss (L2-SP, EWC).
   """
 
   rng = jax.random.fold_in(rng, state.step)
@@ -88,9 +99,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
   def loss_fn(trainable):
     params = ({"backbone": state.params["backbone"], "head": trainable}
               if head_only else trainable)
-    logits = logits_fn(params, batch["image"], train=True, rng=rng)
+    logits = logits_fn(params, batch["image"], frozen=frozen, train=True, rng=rng)
     task_loss = cross_entropy(logits, batch["label"], label_smoothing)
-    loss = task_loss if penalty_fn is None else task_loss + penalty_fn(params)
+    loss = (task_loss if penalty_fn is None
+            else task_loss + penalty_fn(params, continual))
     return loss, (task_loss, logits)
 
   trainable = state.params["head"] if head_only else state.params
@@ -117,12 +129,16 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *,
       "grad_norm": optax.global_norm(grads),
       "update_norm": optax.global_norm(updates),
   }
+  if not head_only:
+    ratio = _projection_ratio(grads, state.opt_state)
+    if ratio is not None:
+      metrics["projected_grad_ratio"] = ratio
   return new_state, metrics
 
 
-def eval_step(params, batch: dict, *, logits_fn: LogitsFn) -> dict:
+def eval_step(params, batch: dict, frozen: Any, *, logits_fn: LogitsFn) -> dict:
   """Number of correct predictions and of real (unmasked) examples."""
-  logits = logits_fn(params, batch["image"], train=False)
+  logits = logits_fn(params, batch["image"], frozen=frozen, train=False)
   correct = (jnp.argmax(logits, -1) == batch["label"]) * batch["mask"]
   return {"correct": jnp.sum(correct), "count": jnp.sum(batch["mask"])}
 
@@ -139,7 +155,8 @@ def jit_train_step(mesh, state_sharding, **kwargs):
   """`train_step` jitted with explicit shardings and a donated state."""
   return jax.jit(
       functools.partial(train_step, **kwargs),
-      in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh)),
+      in_shardings=(state_sharding, shd.batch_sharding(mesh), shd.replicated(mesh),
+                    shd.replicated(mesh), shd.replicated(mesh)),
       out_shardings=(state_sharding, shd.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -147,6 +164,7 @@ def jit_train_step(mesh, state_sharding, **kwargs):
 def jit_eval_step(mesh, params_sharding, *, logits_fn):
   return jax.jit(
       functools.partial(eval_step, logits_fn=logits_fn),
-      in_shardings=(params_sharding, shd.batch_sharding(mesh)),
+      in_shardings=(params_sharding, shd.batch_sharding(mesh),
+                    shd.replicated(mesh)),
       out_shardings=shd.replicated(mesh))
 
