@@ -146,3 +146,51 @@ def test_validate_config_lists_every_error():
 def test_unknown_config_variant():
   with pytest.raises(ValueError, match="allowed"):
     default_config.get_config("huge")
+
+
+@pytest.mark.slow
+def test_nonfinite_training_stops_without_a_checkpoint(tmp_path):
+  config = default_config.get_config("tiny")
+  config.optim.backbone_lr = 1e30                      # overflows at once
+  config.optim.head_lr = 1e30
+  config.optim.warmup_steps = 0
+  config.train.max_nonfinite_steps = 3
+  with pytest.raises(loop.NonFiniteTrainingError, match="in a row"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
+def test_main_on_eight_cpu_devices(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--workdir",
+       str(tmp_path), "--config.train.steps=20"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["complete"] and results["average_accuracy"] > 0.3
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "main.py"), *TINY, "--workdir",
+       str(tmp_path / "odd"), "--config.train.batch_size=36"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+  assert proc.returncode != 0 and "divisible by the number of devices (8)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_aggregates_two_tiny_runs(tmp_path):
+  from nostalgia_jax import sweep
+  argv = ["run", "--config", os.path.join(ROOT, "configs/default.py") + ":tiny",
+          "--root", str(tmp_path), "--grid", "seed=0,1",
+          "--set", "train.steps=10", "--set", "train.head_warmup_steps=2",
+          "--main", os.path.join(ROOT, "main.py")]
+  assert sweep.main(argv) == 0
+  for seed in (0, 1):
+    results = json.loads((tmp_path / f"seed={seed}" / "results.json").read_text())
+    assert results["complete"] and results["config"]["seed"] == seed
+    assert results["config"]["train"]["steps"] == 10
+  assert sweep.main(argv) == 0                         # finished runs are skipped
+  assert sweep.main(["aggregate", str(tmp_path), "--out", str(tmp_path / "agg")]) == 0
+  table = (tmp_path / "agg" / "summary.md").read_text()
+  assert "average" in table.lower() and "2" in table

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default as default_config
+from nostalgia_jax.models import apply_head, classifier_from_config
 from nostalgia_jax.train import loop
 
 pytestmark = pytest.mark.slow
@@ -41,7 +42,7 @@ def _flat(tree):
 def test_nostalgia_keeps_task2_change_out_of_the_task1_basis(tmp_path):
   results, workdir = _run(tmp_path, "nostalgia", mode="nostalgia")
   assert results["complete"]
-  record = results["tasks"][0]["nostalgia"]
+  record = results["tasks"][0]["curvature"]
   assert len(record["eigenvalues"]) == 16 and record["basis_rank"] == 16
   assert record["eigenvalues"] == sorted(record["eigenvalues"], reverse=True)
   assert record["batch_hvps"] > 0 and record["seconds"] > 0
@@ -63,7 +64,7 @@ def test_ewc_with_huge_strength_holds_the_backbone(tmp_path):
                    "optim.head_lr": 3e-3})
   finetune, finetune_dir = _run(tmp_path, "finetune", mode="finetune", **common)
   ewc, ewc_dir = _run(tmp_path, "ewc", mode="ewc", **{"ewc.strength": 1e7}, **common)
-  assert ewc["tasks"][0]["ewc"]["fisher_examples"] == 256
+  assert ewc["tasks"][0]["fisher"]["fisher_examples"] == 256
   drift = {}
   for name, workdir in (("finetune", finetune_dir), ("ewc", ewc_dir)):
     before, after = _restore(workdir, 1), _restore(workdir, 2)
@@ -96,6 +97,20 @@ def test_lora_nostalgia_trains_adapters_only(tmp_path):
   assert set(_flat_keys(first["backbone"])) == set(_flat_keys(first["continual"]["basis"]))
   assert all(k.endswith(("lora_a", "lora_b")) for k in _flat_keys(first["backbone"]))
   assert not np.array_equal(_flat(first["backbone"]), _flat(second["backbone"]))
+  # The export (adapters merged into plain ViT weights) gives the adapted
+  # model's outputs.
+  with ocp.StandardCheckpointer() as checkpointer:
+    export = checkpointer.restore(workdir / "export")
+  config = default_config.get_config("tiny")
+  config.lora.enabled, config.lora.rank, config.lora.alpha = True, 4, 8.0
+  classifier = classifier_from_config(config, (8, 8, 3))
+  images = np.random.default_rng(0).uniform(-1, 1, (5, 8, 8, 3)).astype(np.float32)
+  head = second["heads"]["task_0"]
+  adapted = classifier.logits({"backbone": second["backbone"], "head": head},
+                              images, frozen=second["frozen"])
+  features = classifier.backbone.apply({"params": export["vit"]}, images)
+  merged = apply_head(export["heads"]["task_0"], features)
+  np.testing.assert_allclose(merged, adapted, atol=1e-4)
 
 
 def _flat_keys(tree):

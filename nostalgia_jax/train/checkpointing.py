@@ -99,6 +99,20 @@ def save(manager: ocp.CheckpointManager, tasks_done: int, state: Any,
   manager.save(tasks_done, args=ocp.args.Composite(**items))
 
 
+def export_model(workdir: str, vit_params: Any, heads: dict) -> str:
+  """Writes the final model as plain ViT weights + task heads (orbax).
+
+  With LoRA the adapters are merged into the ViT weights first, so the export
+  loads into the plain `ViT` module (and gives the adapted model's outputs).
+  Returns the export directory, `WORKDIR/export`.
+  """
+  path = epath.Path(workdir).absolute() / "export"
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(path, {"vit": vit_params, "heads": heads}, force=True)
+    checkpointer.wait_until_finished()
+  return str(path)
+
+
 def tree_spec(tree: Any) -> Any:
   """JSON description (shape, dtype) of a nested dict of arrays."""
   if isinstance(tree, dict):

@@ -196,7 +196,10 @@ def merge_into(config, continual: dict, new: curvature.CurvatureBasis,
 
 def after_task(config, *, task: int, classifier, params, frozen,
                continual: dict, examples: Optional[dict], key) -> tuple[dict, dict]:
-  """The carried state after `task`, and a record of what was computed.
+  """The carried state after `task`, and records of what was computed.
+
+  The records ({'curvature': {...}} for Nostalgia, {'fisher': {...}} for EWC,
+  else {}) go into the task's entry of results.json.
 
   Args:
     examples: the task's fixed un-augmented examples (see
@@ -221,7 +224,8 @@ def after_task(config, *, task: int, classifier, params, frozen,
                  "%.1fs; basis rank %d.", task,
                  np.round(record["eigenvalues"][:5], 4), record["batch_hvps"],
                  record["seconds"], record["basis_rank"])
-    return {"basis": merged.vectors, "eigenvalues": merged.eigenvalues}, record
+    return ({"basis": merged.vectors, "eigenvalues": merged.eigenvalues},
+            {"curvature": record})
   if config.mode == "ewc":
     cfg = config.ewc
     start = time.perf_counter()
@@ -238,7 +242,7 @@ def after_task(config, *, task: int, classifier, params, frozen,
     record = {"fisher_examples": int(len(examples["image"])),
               "fisher_mean": total / max(tree_math.tree_size(fisher), 1),
               "seconds": time.perf_counter() - start}
-    return {"anchor": _copy(params["backbone"]), "fisher": fisher}, record
+    return {"anchor": _copy(params["backbone"]), "fisher": fisher}, {"fisher": record}
   return continual, {}
 
 

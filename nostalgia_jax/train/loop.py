@@ -297,14 +297,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     row = [run.evaluate({"backbone": backbone, "head": heads[f"task_{j}"]}, frozen, j)
            for j in range(task + 1)]
     accuracy_matrix.append(row + [None] * (run.num_tasks - task - 1))
-    carried, mode_record = run.after_task(task, params, frozen, carried)
+    carried, mode_records = run.after_task(task, params, frozen, carried)
     task_records.append({
         "task": task, "classes": list(split.classes),
         "train_examples": int(len(split.train_indices)),
         "test_examples": int(len(split.test_indices)),
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - task_start,
-        **({config.mode: mode_record} if mode_record else {}),
+        **mode_records,
     })
     saved = {"backbone": backbone, "heads": heads}
     if frozen is not None:
@@ -313,7 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       saved["continual"] = carried
     checkpointing.save(
         manager, task + 1, saved, opt_state,
-        {"accuracy_matrix": accuracy_matrix, "tasks": task_records,
+        {"tasks_done": task + 1, "accuracy_matrix": accuracy_matrix,
+         "tasks": task_records,
          "continual_spec": checkpointing.tree_spec(carried)})
     results = reporting.results_dict(accuracy_matrix, num_tasks=run.num_tasks,
                                      config=config_dict, tasks=task_records)
@@ -325,6 +326,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                      config=config_dict, tasks=task_records)
     _report_task(run, run.num_tasks - 1, results,
                  global_step=run.num_tasks * run.steps_per_task)
+  if not (epath.Path(workdir) / "export").exists():
+    path = checkpointing.export_model(
+        workdir, run.classifier.export_vit(backbone, frozen), heads)
+    logging.info("Final model (plain ViT weights + heads) exported to %s.", path)
   run.writer.flush()
   return results
 
@@ -336,7 +341,7 @@ def _report_task(run: _Run, task: int, results: dict, *, global_step: int):
   scalars.update({f"cl/{k}": results[k] for k in
                   ("average_accuracy", "backward_transfer", "forgetting")
                   if results[k] is not None})
-  record = results["tasks"][task].get("nostalgia")
+  record = results["tasks"][task].get("curvature")
   if record:
     eigenvalues = np.asarray(record["eigenvalues"])
     scalars.update({"curvature/lambda_max": eigenvalues[0],
@@ -362,7 +367,7 @@ def _report_task(run: _Run, task: int, results: dict, *, global_step: int):
           reporting.plot_task_curves(matrix, num_tasks),
           f"{workdir}/task_accuracy.png"),
   }
-  spectra = [t["nostalgia"]["eigenvalues"] for t in results["tasks"] if "nostalgia" in t]
+  spectra = [t["curvature"]["eigenvalues"] for t in results["tasks"] if "curvature" in t]
   if spectra:
     images["eigenvalue_spectra"] = reporting.figure_to_png(
         reporting.plot_spectra(spectra), f"{workdir}/eigenvalue_spectra.png")
