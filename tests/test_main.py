@@ -9,7 +9,6 @@ import pytest
 
 from configs import default as default_config
 from nostalgia_jax.train import loop
-from nostalgia_jax.train.checkpointing import IncompatibleWorkdirError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(ROOT, "configs/default.py") + ":tiny"]
