@@ -7,6 +7,7 @@ import optax
 
 from nostalgia_jax import sharding as shd
 from nostalgia_jax.models import Classifier, ViT, VIT_SIZES
+from nostalgia_jax.optim import projection
 from nostalgia_jax.train import steps
 
 
@@ -82,3 +83,35 @@ def test_eval_step_counts_only_unmasked_examples():
   logits = logits_fn(params, batch["image"])
   expected = np.sum((np.argmax(logits, -1) == batch["label"]) * mask)
   assert float(out["correct"]) == expected
+
+
+def test_projected_grad_ratio_matches_a_dense_projection():
+  logits_fn, params, batch = _setup()
+  # A zero head (its initialisation) gives the backbone a zero gradient.
+  head = params["head"]["head"]
+  params["head"] = {"head": {**head, "kernel": jax.random.normal(
+      jax.random.key(5), head["kernel"].shape)}}
+  optimizer = projection.with_projection(optax.sgd(0.1), None)
+  state = steps.init_train_state(params, optimizer, head_only=False)
+  leaves, treedef = jax.tree.flatten(params["backbone"])
+  sizes = [x.size for x in leaves]
+  rng = np.random.default_rng(0)
+  dense, _ = np.linalg.qr(rng.normal(size=(sum(sizes), 3)))   # orthonormal U
+  splits = np.split(dense.T, np.cumsum(sizes)[:-1], axis=1)
+  basis = treedef.unflatten([s.reshape((3,) + x.shape).astype(np.float32)
+                             for s, x in zip(splits, leaves)])
+  state = state.replace(opt_state=projection.set_projection_basis(
+      state.opt_state, {"backbone": basis, "head": None}, params=params))
+  step = jax.jit(lambda s, b: steps.train_step(
+      s, b, jax.random.key(0), None, {}, logits_fn=logits_fn,
+      optimizer=optimizer, label_smoothing=0.0, head_only=False, ratio_every=2))
+  grads = jax.grad(lambda p: steps.cross_entropy(
+      logits_fn(p, batch["image"], train=True,
+                rng=jax.random.fold_in(jax.random.key(0), 0)),
+      batch["label"]))(params)["backbone"]
+  g = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
+  expected = np.linalg.norm(g - dense @ (dense.T @ g)) / np.linalg.norm(g)
+  state, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics["projected_grad_ratio"], expected, rtol=1e-4)
+  _, metrics = step(state, batch)
+  assert np.isnan(metrics["projected_grad_ratio"])      # not computed: step 1

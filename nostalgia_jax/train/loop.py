@@ -119,7 +119,8 @@ class _Run:
           logits_fn=self.classifier.logits,
           optimizer=self.warmup_optimizer if head_only else self.full_optimizer,
           label_smoothing=self.config.train.label_smoothing, head_only=head_only,
-          penalty_fn=None if head_only else self.penalty_fn)
+          penalty_fn=None if head_only else self.penalty_fn,
+          ratio_every=self.config.train.log_every)
     return self._jitted[key]
 
   def evaluate(self, params, frozen, task: int) -> float:
@@ -174,7 +175,8 @@ class _Run:
       self.report_progress(global_step)
       last = i + 1 == num_steps
       if (i + 1) % config.train.log_every == 0 or last:
-        summary = {f"{prefix}/{k}": float(np.mean([m[k] for m in history]))
+        # nanmean: some metrics are computed on a subset of steps only.
+        summary = {f"{prefix}/{k}": float(np.nanmean([m[k] for m in history]))
                    for k in history[0]}
         history = []
         summary[f"{prefix}/steps_per_sec"] = (i + 1 - tick_step) / (

@@ -56,26 +56,34 @@ def _tree_all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _projection_ratio(grads, opt_state):
+def _projection_ratio(grads, opt_state, step, every: int):
   """||g - U U^T g|| / ||g|| on the backbone gradient, if a basis is set.
 
   The share of the task gradient that the Nostalgia projection lets through
-  (1: nothing removed); None when no basis is in the optimizer state.
+  (1: nothing removed); None when no basis is in the optimizer state. It
+  reads the whole basis once more, so it is computed on one step in `every`
+  only (NaN on the others).
   """
   states = [s for s in jax.tree.leaves(
       opt_state, is_leaf=lambda x: isinstance(x, projection.NostalgiaProjectionState))
             if isinstance(s, projection.NostalgiaProjectionState) and s.basis is not None]
   if not states:
     return None
-  kept = projection.project_out(grads, states[0].basis)
-  return optax.global_norm(kept["backbone"]) / (
-      optax.global_norm(grads["backbone"]) + 1e-30)
+
+  def ratio():
+    kept = projection.project_out(grads, states[0].basis)
+    return optax.global_norm(kept["backbone"]) / (
+        optax.global_norm(grads["backbone"]) + 1e-30)
+
+  return jax.lax.cond(step % every == 0, ratio,
+                      lambda: jnp.full((), jnp.nan, jnp.float32))
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any,
                continual: Any, *, logits_fn: LogitsFn,
                optimizer: optax.GradientTransformation, label_smoothing: float,
-               head_only: bool, penalty_fn=None) -> tuple[TrainState, dict]:
+               head_only: bool, penalty_fn=None,
+               ratio_every: int = 1) -> tuple[TrainState, dict]:
   """One optimizer step on `batch`; returns the new state and metrics.
 
   Args:
@@ -92,6 +100,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any,
     head_only: differentiate and update the head only (warm-up).
     penalty_fn: optional regulariser `penalty_fn(params, continual)` added
       to the loss (L2-SP, EWC).
+    ratio_every: compute the `projected_grad_ratio` metric every this many
+      steps (NaN in between).
   """
 
   rng = jax.random.fold_in(rng, state.step)
@@ -130,7 +140,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, frozen: Any,
       "update_norm": optax.global_norm(updates),
   }
   if not head_only:
-    ratio = _projection_ratio(grads, state.opt_state)
+    ratio = _projection_ratio(grads, state.opt_state, state.step, ratio_every)
     if ratio is not None:
       metrics["projected_grad_ratio"] = ratio
   return new_state, metrics

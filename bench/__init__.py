@@ -1,0 +1,1 @@
+"""Benchmarks of nostalgia_jax (see bench/README.md)."""
