@@ -26,7 +26,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from bench import common
 from nostalgia_jax.curvature import tree_math
