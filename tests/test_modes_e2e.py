@@ -116,3 +116,29 @@ def test_lora_nostalgia_trains_adapters_only(tmp_path):
 def _flat_keys(tree):
   return ["/".join(str(getattr(k, "key", k)) for k in path)
           for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def test_nostalgia_resumes_with_its_basis(tmp_path, monkeypatch):
+  original = loop._Run.train_phase
+
+  def crash_on_task_1(self, task, *args, **kwargs):
+    if task == 1:
+      raise KeyboardInterrupt("simulated preemption")
+    return original(self, task, *args, **kwargs)
+
+  monkeypatch.setattr(loop._Run, "train_phase", crash_on_task_1)
+  with pytest.raises(KeyboardInterrupt):
+    _run(tmp_path, "resume", mode="nostalgia", **{"nostalgia.merge": "union"})
+  monkeypatch.setattr(loop._Run, "train_phase", original)
+  results, workdir = _run(tmp_path, "resume", mode="nostalgia",
+                          **{"nostalgia.merge": "union"})
+  assert results["complete"]
+  first, second = _restore(workdir, 1), _restore(workdir, 2)
+  # The resumed task 1 was projected on the restored task-0 basis.
+  vectors = np.stack([_flat(jax.tree.map(lambda x, i=i: x[i],
+                                         first["continual"]["basis"]))
+                      for i in range(16)])
+  change = _flat(second["backbone"]) - _flat(first["backbone"])
+  assert np.linalg.norm(vectors @ change) < 1e-4 * np.linalg.norm(change)
+  # Union: the old directions are kept first, the new ones appended.
+  assert results["tasks"][1]["curvature"]["basis_rank"] > 16
