@@ -192,4 +192,4 @@ def test_sweep_runs_and_aggregates_two_tiny_runs(tmp_path):
   assert sweep.main(argv) == 0                         # finished runs are skipped
   assert sweep.main(["aggregate", str(tmp_path), "--out", str(tmp_path / "agg")]) == 0
   table = (tmp_path / "agg" / "summary.md").read_text()
-  assert "acc (%)" in table and "| 2 |" in table          # 2 seeds aggregated
+  assert "ACC (%)" in table and "| 2 |" in table          # 2 seeds aggregated
