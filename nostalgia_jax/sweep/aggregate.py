@@ -70,11 +70,18 @@ def group_runs(
 ) -> tuple[list[str], dict[tuple, list[RunResult]]]:
   """Groups runs by fields (default: all grid fields but seed), sorted."""
   if group_by is None:
-    group_by = list(dict.fromkeys(f for r in runs for f in r.grid if f != "seed"))
+    # Grid fields only: a field that a run's grid did not set (e.g.
+    # nostalgia.merge of a finetune run) is shown as missing, not as the
+    # config default it happened to carry.
+    fields = list(dict.fromkeys(f for r in runs for f in r.grid if f != "seed"))
+    key = lambda run: tuple(run.grid.get(f) for f in fields)
+  else:
+    fields = list(group_by)
+    key = lambda run: tuple(_lookup(run, f) for f in fields)
   groups: dict[tuple, list[RunResult]] = {}
   for run in runs:
-    groups.setdefault(tuple(_lookup(run, f) for f in group_by), []).append(run)
-  return list(group_by), dict(sorted(groups.items(), key=lambda kv: _sort_key(kv[0])))
+    groups.setdefault(key(run), []).append(run)
+  return fields, dict(sorted(groups.items(), key=lambda kv: _sort_key(kv[0])))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
