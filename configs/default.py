@@ -90,7 +90,7 @@ def get_config(arg: str = ""):
 
   # EWC (mode='ewc'): strength/2 sum F (w - w*)^2, online Fisher.
   config.ewc = ml_collections.ConfigDict()
-  config.ewc.strength = 100.0             # lr * strength * max(F) < 2 for SGD
+  config.ewc.strength = 30.0              # 100 diverged (SGD, summed Fisher): see README
   config.ewc.gamma = 1.0                   # F <- gamma F + F_t
   config.ewc.num_examples = 256
   config.ewc.batch_size = 32               # examples per per-example-grad chunk

@@ -239,8 +239,19 @@ def after_task(config, *, task: int, classifier, params, frozen,
     fisher = fisher_lib.online_fisher_update(continual.get("fisher"), new,
                                              gamma=cfg.gamma)
     total = sum(float(jnp.sum(x)) for x in jax.tree.leaves(fisher))
+    largest = max(float(jnp.max(x)) for x in jax.tree.leaves(fisher))
+    stiffness = config.optim.backbone_lr * cfg.strength * largest
+    if config.optim.name == "sgd" and stiffness >= 2.0:
+      # Gradient descent on strength/2 F w^2 oscillates and grows when
+      # lr * strength * F > 2: the next task would likely diverge.
+      logging.warning(
+          "EWC after task %d: backbone_lr * strength * max(Fisher) = %.2f >= 2; "
+          "SGD on the penalty is unstable and training will likely diverge. "
+          "Lower config.ewc.strength (or backbone_lr), or use gamma < 1.",
+          task, stiffness)
     record = {"fisher_examples": int(len(examples["image"])),
               "fisher_mean": total / max(tree_math.tree_size(fisher), 1),
+              "fisher_max": largest, "sgd_stiffness": stiffness,
               "seconds": time.perf_counter() - start}
     return {"anchor": _copy(params["backbone"]), "fisher": fisher}, {"fisher": record}
   return continual, {}
