@@ -34,9 +34,11 @@ def _leaf_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
   return {jax.tree_util.keystr(path): jnp.shape(leaf) for path, leaf in leaves}
 
 
-def _listed(paths: list[str]) -> str:
-  shown = ", ".join(paths[:_MAX_LISTED])
-  more = len(paths) - _MAX_LISTED
+def listed(items) -> str:
+  """The first few items, comma-separated, then "... and N more"."""
+  items = list(items)
+  shown = ", ".join(items[:_MAX_LISTED])
+  more = len(items) - _MAX_LISTED
   return shown + (f" ... and {more} more" if more > 0 else "")
 
 
@@ -62,16 +64,16 @@ def assert_trees_match(
   only_there = [p for p in other_shapes if p not in shapes]
   problems = []
   if only_here:
-    problems.append(f"in {name} but not in {other_name}: {_listed(only_here)}")
+    problems.append(f"in {name} but not in {other_name}: {listed(only_here)}")
   if only_there:
-    problems.append(f"in {other_name} but not in {name}: {_listed(only_there)}")
+    problems.append(f"in {other_name} but not in {name}: {listed(only_there)}")
   bad_shapes = [
       f"{p} {shapes[p]} vs {other_shapes[p]}"
       for p in shapes
       if p in other_shapes and tuple(shapes[p]) != tuple(other_shapes[p])
   ]
   if bad_shapes:
-    problems.append(f"leaf shapes differ ({name} vs {other_name}): {_listed(bad_shapes)}")
+    problems.append(f"leaf shapes differ ({name} vs {other_name}): {listed(bad_shapes)}")
   if not problems and jax.tree.structure(tree) != jax.tree.structure(other):
     # Same paths and shapes but different node types (dict vs FrozenDict...).
     problems.append(

@@ -39,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from nostalgia_jax.optim.penalties import listed
+
 PyTree = Any
 
 PLACEMENTS = ("before", "after")
 PROJECT_TARGETS = ("gradients", "updates")
-_MAX_LISTED = 5
 
 
 class NostalgiaProjectionState(NamedTuple):
@@ -62,13 +63,6 @@ class NostalgiaProjectionState(NamedTuple):
 
 def _is_none(x) -> bool:
   return x is None
-
-
-def _listed(items) -> str:
-  items = list(items)
-  more = len(items) - _MAX_LISTED
-  return ", ".join(items[:_MAX_LISTED]) + (f" ... and {more} more"
-                                           if more > 0 else "")
 
 
 def _shape(x) -> tuple:
@@ -103,8 +97,8 @@ def check_basis_matches(basis: PyTree, tree: PyTree, *,
                  if not any(_covers(p, q) for p in basis_paths)]
     raise ValueError(
         f"The projection basis does not have the structure of the {name}. "
-        f"Only in the basis: [{_listed(only_basis)}]; only in the {name}: "
-        f"[{_listed(only_tree)}]. Build the basis from the same (trainable) "
+        f"Only in the basis: [{listed(only_basis)}]; only in the {name}: "
+        f"[{listed(only_tree)}]. Build the basis from the same (trainable) "
         "params tree, with None where no projection is wanted "
         f"(e.g. task heads). ({error})") from None
   ranks = {}
