@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-import jax
 import jax.numpy as jnp
 
 from nostalgia_jax.models import lora as lora_lib
@@ -59,11 +58,8 @@ class Classifier:
                               rank=self.lora.rank, key=key)
 
   def feature_width(self) -> int:
-    features = jax.eval_shape(
-        lambda: self.backbone.apply(
-            {"params": self.init_vit(jax.random.key(0))},
-            jnp.zeros((1,) + tuple(self.image_shape))))
-    return features.shape[-1]
+    """Width of the representation the heads see (pre_logits or tokens)."""
+    return self.backbone.representation_size or self.backbone.width
 
   def init_head(self, num_classes: int, key) -> Any:
     return TaskHead(num_classes).init(
